@@ -1,0 +1,1 @@
+"""Attribution service: activations, gradients and JVPs of transformer units over HTTP."""
