@@ -68,7 +68,10 @@ def load_gguf(path: Path, model_id: str | None = None) -> LoadedModel:
         reader = GGUFReader(path)
     except (ValueError, OSError, IndexError, KeyError) as error:
         raise ModelFileError(path, f"not a readable GGUF file: {error}") from error
-    tokenizer = tokenizer_from_gguf(reader, str(path))
+    try:
+        tokenizer = tokenizer_from_gguf(reader, str(path))
+    except ValueError as error:
+        raise ModelFileError(path, f"tokenizer metadata is unusable: {error}") from error
     model = load_gguf_model(path, reader, _log_progress(path))
     return LoadedModel(model, tokenizer, model_id or path.stem, str(path))
 
