@@ -17,6 +17,7 @@ from torch import Tensor
 
 from service.core.locations import RESID_FINAL, ResidualLocation, resid_mid, resid_post, resid_pre
 from service.model.base import AttentionDetach, ModelConfig
+from service.model.layers import upcast
 
 if TYPE_CHECKING:
     from service.core.reconstituter import Reconstituter
@@ -210,7 +211,7 @@ class LogprobKind(LogitKind):
 
     def activations(self, spec: LocationSpec, resid: Tensor, context: Reconstituter) -> Tensor:
         logits = super().activations(spec, resid, context)
-        return torch.log_softmax(logits.float(), dim=-1).to(logits.dtype)
+        return torch.log_softmax(upcast(logits), dim=-1).to(logits.dtype)
 
 
 class LogitDiffKind(LogitKind):

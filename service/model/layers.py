@@ -8,6 +8,11 @@ from torch import Tensor, nn
 from service.model.base import AttentionDetach
 
 
+def upcast(x: Tensor) -> Tensor:
+    """Return x in at least float32, so half-precision models keep accurate statistics."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 class RMSNorm(nn.Module):
     """Root-mean-square normalization with a learned gain (`weight`)."""
 
@@ -17,8 +22,7 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, detach_scale: bool = False) -> Tensor:
-        # The statistics are taken in float32 so that bfloat16 models keep their accuracy.
-        x32 = x.float()
+        x32 = upcast(x)
         scale = torch.rsqrt(x32.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         if detach_scale:
             scale = scale.detach()
@@ -35,7 +39,7 @@ class LayerNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x: Tensor, detach_scale: bool = False) -> Tensor:
-        x32 = x.float()
+        x32 = upcast(x)
         centered = x32 - x32.mean(dim=-1, keepdim=True)
         scale = torch.rsqrt(centered.pow(2).mean(dim=-1, keepdim=True) + self.eps)
         if detach_scale:
@@ -67,6 +71,6 @@ def causal_attention(query: Tensor, key: Tensor, value: Tensor) -> tuple[Tensor,
     logits = torch.einsum("qhd,khd->qkh", query, key) / (d_head**0.5)
     future = torch.ones(n, n, dtype=torch.bool, device=query.device).triu(diagonal=1)
     logits = logits.masked_fill(future[:, :, None], float("-inf"))
-    probs = torch.softmax(logits.float(), dim=1).to(value.dtype)
+    probs = torch.softmax(upcast(logits), dim=1).to(value.dtype)
     mixed = torch.einsum("qkh,khd->qhd", probs, value)
     return logits, probs, value, mixed
