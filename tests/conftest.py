@@ -55,8 +55,8 @@ def assert_close(actual: Any, expected: Any, quantity: str) -> None:
 
 
 def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
-    difference = (actual.double() - expected.double()).norm()
-    return float(difference / expected.double().norm().clamp_min(1e-30))
+    difference = (actual.detach().double() - expected.detach().double()).norm()
+    return float(difference / expected.detach().double().norm().clamp_min(1e-30))
 
 
 def write_tiny_tokenizer(directory: Path) -> None:

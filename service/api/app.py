@@ -11,7 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.errors import error_response, install_error_handlers
-from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware
+from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware, UnexpectedErrorMiddleware
 from service.api.routes import ModelNotReady, router
 from service.api.serialization import OrjsonResponse
 from service.api.worker import ModelWorker
@@ -70,7 +70,8 @@ def create_app(
     app.add_exception_handler(ModelNotReady, handle_not_ready)
     app.include_router(router)
 
-    # Middleware added last runs first: request ids wrap everything, so even 413s carry one.
+    # Middleware added last runs first: request ids wrap everything, so even 413s and 500s carry one.
+    app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     app.add_middleware(
         CORSMiddleware,

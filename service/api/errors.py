@@ -10,6 +10,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from service.api.schemas import UNION_TAGS
 from service.api.serialization import NonFiniteResultError, OrjsonResponse
 from service.api.validation import InvalidRequest
 
@@ -31,12 +32,55 @@ def _clean_message(message: str) -> str:
     return message.removeprefix("Value error, ")
 
 
+def _input_text(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _field_path(loc: Sequence[Any], body: Any) -> list[str | int]:
+    """Return pydantic's loc without the parts that name a union member rather than a field."""
+    path: list[str | int] = []
+    current = body
+    for position, part in enumerate(loc):
+        is_last = position == len(loc) - 1
+        is_key = isinstance(current, dict) and part in current
+        if isinstance(part, str) and part in UNION_TAGS and not is_last and not is_key:
+            continue
+        path.append(part)
+        if position == 0 and part == "body":
+            continue
+        if is_key:
+            current = current[part]
+        elif isinstance(current, list) and isinstance(part, int) and 0 <= part < len(current):
+            current = current[part]
+        else:
+            current = None
+    return path
+
+
+def _message(item: dict[str, Any]) -> str:
+    message = _clean_message(str(item.get("msg", "")))
+    kind = str(item.get("type", ""))
+    if kind == "json_invalid":
+        reason = item.get("ctx", {}).get("error", "")
+        position = item.get("loc", ("body", "?"))[-1]
+        return f"invalid JSON at character {position}: {reason}"
+    if kind not in ("missing", "extra_forbidden", "value_error", "model_type") and "input" in item:
+        message = f"{message}, got {_input_text(item['input'])}"
+    elif kind == "extra_forbidden":
+        message = f"{message}: remove it"
+    return message
+
+
 def _validation_items(error: RequestValidationError) -> list[dict[str, Any]]:
     items = []
+    body = error.body
     for item in error.errors():
-        # Tagged-union errors repeat the tag in loc; keep the path a client can follow.
-        loc = [part for part in item.get("loc", ()) if isinstance(part, (str, int))]
-        items.append({"loc": loc, "msg": _clean_message(str(item.get("msg", ""))), "type": str(item.get("type", ""))})
+        if item.get("type") == "json_invalid":
+            loc: list[str | int] = ["body"]
+        else:
+            loc = _field_path(item.get("loc", ()), body)
+        items.append({"loc": loc, "msg": _message(dict(item)), "type": str(item.get("type", ""))})
     return items
 
 
@@ -63,11 +107,6 @@ async def handle_non_finite(request: Request, error: Exception) -> OrjsonRespons
     return error_response(500, f"{error}; the result was not sent because it would not be valid")
 
 
-async def handle_unexpected(request: Request, error: Exception) -> OrjsonResponse:
-    logger.exception("request %s failed with an unexpected error", request_id_of(request))
-    return error_response(500, f"internal error; quote request id {request_id_of(request)} when reporting it")
-
-
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "-"))
 
@@ -77,4 +116,3 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequest, handle_invalid_request)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(NonFiniteResultError, handle_non_finite)
-    app.add_exception_handler(Exception, handle_unexpected)

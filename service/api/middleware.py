@@ -112,3 +112,40 @@ class BodySizeLimitMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+class UnexpectedErrorMiddleware:
+    """Turns an exception that no handler took into a 500 with the usual error body.
+
+    It sits inside the request id and CORS middleware, so the 500 carries their headers,
+    and the body names the request id but never the exception or a traceback.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started = False
+
+        async def tracking_send(message: Message) -> None:
+            nonlocal started
+            if message["type"] == "http.response.start":
+                started = True
+            await send(message)
+
+        try:
+            await self.app(scope, receive, tracking_send)
+        except Exception:
+            request_id = request_id_var.get()
+            logger.exception("request %s failed with an unexpected error", request_id)
+            if started:
+                raise
+            body = orjson.dumps(
+                {"detail": f"internal error; quote request id {request_id} when reporting it", "errors": []}
+            )
+            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+            await send({"type": "http.response.start", "status": 500, "headers": headers})
+            await send({"type": "http.response.body", "body": body})

@@ -9,15 +9,17 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, model_validator
 
 # Indices are bounded so that no value overflows a tensor index; the model's own ranges are
 # checked after tokenization.
-Index = Annotated[int, Field(ge=0, le=2**31 - 1)]
+# Strict integers reject JSON booleans and numeric strings.
+Index = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 TokenPosition = Annotated[
-    int, Field(ge=-(2**31), le=2**31 - 1, description="Token position; negative values count from the end.")
+    int,
+    Field(strict=True, ge=-(2**31), le=2**31 - 1, description="Token position; negative values count from the end."),
 ]
-TokenId = Annotated[int, Field(ge=0, le=2**31 - 1)]
+TokenId = Annotated[int, Field(strict=True, ge=0, le=2**31 - 1)]
 PreOrPostAct = Literal["pre", "post"]
 AttentionTraceType = Literal["q", "k", "qk", "v"]
 
@@ -72,6 +74,11 @@ NodeModel = Annotated[
     MlpNeuronNode | AttentionHeadNode | AutoencoderLatentNode | LogitNode | LogitDiffNode | LogprobNode,
     Field(discriminator="type"),
 ]
+
+
+NODE_TYPES = ("mlp_neuron", "attention_head", "autoencoder_latent", "logit", "logit_diff", "logprob")
+# Names that pydantic puts into an error's loc for the member of a tagged union.
+UNION_TAGS = frozenset((*NODE_TYPES, "node_write", "vector_write"))
 
 
 def check_attention_options(
@@ -185,8 +192,28 @@ class VectorWrite(StrictModel):
     location: ResidualLocationModel
 
 
+def write_kind(value: Any) -> str | None:
+    """Pick the write variant by its key, so errors come from that variant alone."""
+    keys = value.keys() if isinstance(value, dict) else vars(value).keys() if isinstance(value, BaseModel) else ()
+    if "node" in keys:
+        return "node_write"
+    if "vector" in keys:
+        return "vector_write"
+    return None
+
+
+WriteModel = Annotated[
+    Annotated[NodeWrite, Tag("node_write")] | Annotated[VectorWrite, Tag("vector_write")],
+    Discriminator(
+        write_kind,
+        custom_error_type="write_kind",
+        custom_error_message="write needs either a 'node' or a 'vector' with a 'location'",
+    ),
+]
+
+
 class JvpRequest(PromptInput):
-    write: NodeWrite | VectorWrite
+    write: WriteModel
     downstream: ActivationLocation
 
 
