@@ -9,7 +9,9 @@ from typing import Any
 
 import torch
 
-from service.loaders import LoadedModel, load_model
+from service.loaders import EMBEDDED_MODEL, LoadedModel, embedded_autoencoder_sources, load_model
+from service.loaders.autoencoders import AutoencoderSource, load_autoencoders
+from service.model.autoencoder import AutoencoderSet
 from service.model.base import ModelConfig, Transformer
 from service.settings import Settings
 
@@ -20,7 +22,7 @@ logger = logging.getLogger(__name__)
 class ModelRuntime:
     settings: Settings
     loaded: LoadedModel
-    autoencoders: dict[str, Any] = field(default_factory=dict)
+    autoencoders: dict[str, AutoencoderSet] = field(default_factory=dict)
 
     @property
     def model(self) -> Transformer:
@@ -64,29 +66,44 @@ class ModelRuntime:
         }
 
 
-def prepare(settings: Settings, loaded: LoadedModel) -> ModelRuntime:
-    """Move a loaded model to the configured device and dtype and freeze its parameters."""
+def prepare(
+    settings: Settings, loaded: LoadedModel, autoencoders: dict[str, AutoencoderSet] | None = None
+) -> ModelRuntime:
+    """Move a loaded model and its autoencoders to the configured device and dtype, frozen."""
     model = loaded.model.to(device=settings.device, dtype=settings.torch_dtype)
     model.eval()
     model.requires_grad_(False)
     loaded.model = model
-    return ModelRuntime(settings, loaded)
+    moved = {name: item.to(settings.device, settings.torch_dtype) for name, item in (autoencoders or {}).items()}
+    return ModelRuntime(settings, loaded, moved)
+
+
+def autoencoder_sources(settings: Settings) -> list[AutoencoderSource]:
+    """Return the configured autoencoders, or the ones shipped for the embedded model."""
+    if settings.autoencoders is not None:
+        return [AutoencoderSource.parse(text) for text in settings.autoencoders]
+    if settings.model != EMBEDDED_MODEL:
+        return []
+    return embedded_autoencoder_sources()
 
 
 def load_runtime(settings: Settings) -> ModelRuntime:
     """Load the configured model and log what was loaded and how long it took."""
     started = time.monotonic()
     logger.info("loading model %s onto %s as %s", settings.model, settings.device, settings.dtype)
-    runtime = prepare(settings, load_model(settings.model))
+    loaded = load_model(settings.model)
+    autoencoders = load_autoencoders(autoencoder_sources(settings), loaded.model.config)
+    runtime = prepare(settings, loaded, autoencoders)
     config = runtime.config
     logger.info(
-        "loaded model id=%s family=%s device=%s dtype=%s parameters=%d layers=%d load_time=%.1fs",
+        "loaded model id=%s family=%s device=%s dtype=%s parameters=%d layers=%d autoencoders=%s load_time=%.1fs",
         runtime.model_id,
         config.architecture,
         runtime.model.device,
         settings.dtype,
         runtime.model.parameter_count(),
         config.n_layers,
+        ",".join(runtime.autoencoders) or "none",
         time.monotonic() - started,
     )
     return runtime

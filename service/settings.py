@@ -31,6 +31,13 @@ class Settings(BaseSettings):
         default_factory=list,
         description="Origins allowed by CORS. Empty means localhost origins on any port.",
     )
+    autoencoders: list[str] | None = Field(
+        None,
+        description="Autoencoders to load, each 'ID=PATH[;input=NAME][;layer=N]': PATH is a SAELens "
+        "directory or an OpenAI .pt file (which needs input and layer); entries that share an ID form one "
+        "autoencoder with one layer each. Unset means the autoencoders shipped for the embedded model, "
+        "when it is the model; an empty list loads none.",
+    )
     host: str = Field("127.0.0.1", description="Address the HTTP server binds.")
     port: int = Field(8000, ge=0, le=65535, description="TCP port the HTTP server binds.")
     log_level: Literal["debug", "info", "warning", "error"] = Field("info", description="Logging level.")
@@ -48,6 +55,15 @@ class Settings(BaseSettings):
             raise ValueError(f"device {value!r} was requested, but torch finds no CUDA device")
         if device.type not in ("cpu", "cuda"):
             raise ValueError(f"device {value!r} is not supported: use 'auto', 'cpu' or 'cuda[:N]'")
+        return value
+
+    @field_validator("autoencoders")
+    @classmethod
+    def check_autoencoders(cls, value: list[str] | None) -> list[str] | None:
+        from service.loaders.autoencoders import AutoencoderSource
+
+        for text in value or []:
+            AutoencoderSource.parse(text)
         return value
 
     @model_validator(mode="after")

