@@ -209,9 +209,9 @@ def load_autoencoders(sources: Iterable[AutoencoderSource], config: ModelConfig)
         if (path / "cfg.json").exists():
             autoencoder, file_input, file_layer = load_saelens(path)
         elif path.is_file():
-            autoencoder = load_openai(path)
             if source.input is None or source.layer is None:
                 raise ModelFileError(path, "an OpenAI autoencoder file needs input=NAME and layer=N in its setting")
+            autoencoder = load_openai(path)
             file_input, file_layer = source.input, source.layer
         else:
             raise ModelFileError(path, "not found: expected a SAELens directory with cfg.json or a .pt file")
