@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import logging
+import signal
 import sys
+from types import FrameType
 from typing import Any
 
 import uvicorn
@@ -21,8 +23,8 @@ def parse_arguments(argv: list[str] | None) -> dict[str, Any]:
     for name, field in Settings.model_fields.items():
         flag = "--" + name.replace("_", "-")
         help_text = f"{field.description} Environment variable: SERVICE_{name.upper()}."
-        if name == "cors_origins":
-            parser.add_argument(flag, nargs="*", help=help_text)
+        if name in ("cors_origins", "autoencoders"):
+            parser.add_argument(flag, nargs="*", metavar="VALUE", help=help_text)
         else:
             parser.add_argument(flag, help=help_text)
     arguments = vars(parser.parse_args(argv))
@@ -36,6 +38,11 @@ def configure_logging(level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
+
+
+def exit_after_signal(signum: int, frame: FrameType | None) -> None:
+    logging.getLogger(__name__).info("stopped on signal %d", signum)
+    raise SystemExit(0)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -55,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
         failures.append(error)
         if server is not None:
             server.should_exit = True
+
+    # uvicorn shuts down gracefully on SIGTERM, then raises the signal again under the handler
+    # that was installed before it started. Exiting with status 0 there marks the stop as clean.
+    signal.signal(signal.SIGTERM, exit_after_signal)
 
     app = create_app(settings, on_load_failure=stop_on_failure)
     config = uvicorn.Config(app, host=settings.host, port=settings.port, log_config=None, access_log=False)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 LOCALHOST_ORIGIN_REGEX = r"https?://(localhost|127\.0\.0\.1|\[::1\])(:[0-9]+)?"
@@ -27,6 +27,13 @@ class Settings(BaseSettings):
     max_top_k: int = Field(1000, ge=1, description="Maximum top_k of a whole-location /activation request.")
     max_upstream_nodes: int = Field(256, ge=1, description="Maximum upstream_nodes of a /gradient request.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Maximum request body size, in bytes.")
+    max_queue: int = Field(
+        16, ge=0, description="Maximum requests waiting for the model worker; more get 503 with Retry-After."
+    )
+    api_key: SecretStr | None = Field(
+        None,
+        description="If set, every route but /health needs the header 'Authorization: Bearer <key>'.",
+    )
     cors_origins: list[str] = Field(
         default_factory=list,
         description="Origins allowed by CORS. Empty means localhost origins on any port.",

@@ -11,7 +11,12 @@ from fastapi import FastAPI, Request
 from fastapi.middleware.cors import CORSMiddleware
 
 from service.api.errors import error_response, install_error_handlers
-from service.api.middleware import BodySizeLimitMiddleware, RequestIdMiddleware, UnexpectedErrorMiddleware
+from service.api.middleware import (
+    ApiKeyMiddleware,
+    BodySizeLimitMiddleware,
+    RequestIdMiddleware,
+    UnexpectedErrorMiddleware,
+)
 from service.api.routes import ModelNotReady, router
 from service.api.serialization import OrjsonResponse
 from service.api.worker import ModelWorker
@@ -34,7 +39,7 @@ def create_app(
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.runtime = None
-        app.state.worker = ModelWorker()
+        app.state.worker = ModelWorker(settings.max_queue)
         loading = asyncio.create_task(_load(app))
         try:
             yield
@@ -73,6 +78,9 @@ def create_app(
     # Middleware added last runs first: request ids wrap everything, so even 413s and 500s carry one.
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
+    if settings.api_key is not None:
+        # Inside CORS, so preflight requests, which carry no credentials, are answered before it.
+        app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(
         CORSMiddleware,
         allow_origins=settings.cors_origins,

@@ -13,6 +13,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.schemas import UNION_TAGS
 from service.api.serialization import NonFiniteResultError, OrjsonResponse
 from service.api.validation import InvalidRequest
+from service.api.worker import ClientDisconnected, OutOfMemory, QueueFull
+
+QUEUE_RETRY_AFTER_SECONDS = "1"
 
 logger = logging.getLogger(__name__)
 
@@ -107,6 +110,31 @@ async def handle_non_finite(request: Request, error: Exception) -> OrjsonRespons
     return error_response(500, f"{error}; the result was not sent because it would not be valid")
 
 
+async def handle_queue_full(request: Request, error: Exception) -> OrjsonResponse:
+    assert isinstance(error, QueueFull)
+    logger.warning("rejected a request because %d requests are already queued", error.limit)
+    return error_response(
+        503,
+        f"the service is busy: {error.limit} requests are already queued; retry after {QUEUE_RETRY_AFTER_SECONDS} s",
+        headers={"Retry-After": QUEUE_RETRY_AFTER_SECONDS},
+    )
+
+
+async def handle_disconnected(request: Request, error: Exception) -> OrjsonResponse:
+    # Nobody reads this response; 499 is the code proxies log for a client that went away.
+    return error_response(499, "the client disconnected before the request ran")
+
+
+async def handle_out_of_memory(request: Request, error: Exception) -> OrjsonResponse:
+    assert isinstance(error, OutOfMemory)
+    logger.error("request %s ran out of %s memory; its tensors were released", request_id_of(request), error.device)
+    return error_response(
+        507,
+        f"the request ran out of {error.device} memory; shorten the prompt, ask for a smaller location "
+        "(one token or top_k) or fewer upstream_nodes, and try again",
+    )
+
+
 def request_id_of(request: Request) -> str:
     return str(getattr(request.state, "request_id", "-"))
 
@@ -116,3 +144,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(InvalidRequest, handle_invalid_request)
     app.add_exception_handler(StarletteHTTPException, handle_http_error)
     app.add_exception_handler(NonFiniteResultError, handle_non_finite)
+    app.add_exception_handler(QueueFull, handle_queue_full)
+    app.add_exception_handler(ClientDisconnected, handle_disconnected)
+    app.add_exception_handler(OutOfMemory, handle_out_of_memory)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -18,8 +19,10 @@ ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
     for status, description in (
         (413, "Prompt or body over the configured limit"),
         (422, "Invalid request"),
+        (401, "Missing or invalid API key, when the service requires one"),
         (500, "Internal error"),
-        (503, "Model still loading"),
+        (503, "Model still loading, or the request queue is full; see Retry-After"),
+        (507, "The request ran out of memory"),
     )
 }
 
@@ -41,7 +44,7 @@ async def run_model_work(
     request: Request, work: Callable[[ModelRuntime, RequestT], dict[str, Any]], body: RequestT
 ) -> OrjsonResponse:
     runtime = runtime_of(request)
-    content = await request.app.state.worker.run(lambda: work(runtime, body))
+    content = await request.app.state.worker.run(lambda: work(runtime, body), request.is_disconnected)
     return OrjsonResponse(content)
 
 
@@ -66,7 +69,9 @@ async def post_jvp(request: Request, body: schemas.JvpRequest) -> OrjsonResponse
 @router.post("/tokenize", response_model=schemas.TokenizeResponse, responses=ERROR_RESPONSES)
 async def post_tokenize(request: Request, body: schemas.TokenizeRequest) -> OrjsonResponse:
     """Tokenize a prompt with the model's tokenizer."""
-    return OrjsonResponse(operations.tokenize_prompt(runtime_of(request), body))
+    runtime = runtime_of(request)
+    # Tokenizing a large body takes a while, so it runs off the event loop but not on the model worker.
+    return OrjsonResponse(await asyncio.to_thread(operations.tokenize_prompt, runtime, body))
 
 
 @router.get("/model", response_model=schemas.ModelInfo, responses=ERROR_RESPONSES)

@@ -80,7 +80,7 @@ class NodeKind(abc.ABC):
     """The behaviour of one node type."""
 
     name: str
-    index_names: tuple[str, ...]
+    index_names: tuple[str, ...] = ()
 
     def masked(self, spec: LocationSpec, n_tokens: int) -> Tensor | None:
         """Return a boolean mask, broadcastable to the activations, of entries that do not exist."""
@@ -271,7 +271,7 @@ class LogitKind(NodeKind):
     """Output logits, indexed (token, token id)."""
 
     name = "logit"
-    index_names = ("token", "token_id")
+    index_names: tuple[str, ...] = ("token", "token_id")
 
     def residual_location(self, spec: LocationSpec, config: ModelConfig) -> ResidualLocation:
         return RESID_FINAL

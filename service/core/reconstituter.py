@@ -120,5 +120,5 @@ class Reconstituter:
             return JvpResult(zeros, False, write_location, location)
 
         tangent = write_vector.to(device=resid.device, dtype=resid.dtype)
-        _, jvp = torch.func.jvp(self.function(spec), (resid,), (tangent,))
+        _, jvp = torch.func.jvp(self.function(spec), (resid,), (tangent,))  # type: ignore[misc]
         return JvpResult(jvp.detach(), True, write_location, location)
