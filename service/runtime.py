@@ -60,6 +60,8 @@ class ModelRuntime:
             "max_top_k": self.settings.max_top_k,
             "max_upstream_nodes": self.settings.max_upstream_nodes,
             "max_body_bytes": self.settings.max_body_bytes,
+            "max_response_values": self.settings.max_response_values,
+            "max_queue": self.settings.max_queue,
             "dtype": self.settings.dtype,
             "device": str(self.model.device),
             "autoencoders": [autoencoder.info() for autoencoder in self.autoencoders.values()],

@@ -27,6 +27,11 @@ class Settings(BaseSettings):
     max_top_k: int = Field(1000, ge=1, description="Maximum top_k of a whole-location /activation request.")
     max_upstream_nodes: int = Field(256, ge=1, description="Maximum upstream_nodes of a /gradient request.")
     max_body_bytes: int = Field(16 * 1024 * 1024, ge=1024, description="Maximum request body size, in bytes.")
+    max_response_values: int = Field(
+        4_000_000,
+        ge=1000,
+        description="Maximum numbers in one response tensor; larger whole-location or JVP requests get 413.",
+    )
     max_queue: int = Field(
         16, ge=0, description="Maximum requests waiting for the model worker; more get 503 with Retry-After."
     )

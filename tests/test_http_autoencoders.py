@@ -138,3 +138,28 @@ def test_bad_latent_requests(served: tuple[TestClient, Any], node: dict[str, Any
     client, _ = served
     result = post(client, "/activation", {"trace_config": {"node": node}}, status=422)
     assert fragment in result["detail"]
+
+
+def test_large_location_needs_token_or_top_k(tiny_llama: Checkpoint) -> None:
+    settings = Settings(device="cpu", autoencoders=[], max_response_values=1000)
+    app = create_app(settings, load=lambda settings: prepare(settings, tiny_llama.loaded))
+    with TestClient(app) as client:
+        while client.get("/health").status_code != 200:
+            time.sleep(0.02)
+        logits = {"type": "logit"}
+        whole = client.post("/activation", json={"token_ids": TOKEN_IDS, "location": logits})
+        one_token = client.post("/activation", json={"token_ids": TOKEN_IDS, "location": logits, "token": -1})
+        top = client.post("/activation", json={"token_ids": TOKEN_IDS, "location": logits, "top_k": 5})
+        jvp = client.post(
+            "/jvp",
+            json={
+                "token_ids": TOKEN_IDS,
+                "write": {"node": {"type": "mlp_neuron", "layer": 0, "token": 1, "neuron": 2}},
+                "downstream": logits,
+            },
+        )
+    assert whole.status_code == 413
+    assert "the response would hold 2240 numbers, over the limit of 1000" in whole.json()["detail"]
+    assert one_token.status_code == 200
+    assert top.status_code == 200
+    assert jvp.status_code == 413

@@ -65,6 +65,27 @@ def node_json(spec: LocationSpec, index: tuple[int, ...]) -> dict[str, Any]:
     return node
 
 
+def location_width(runtime: ModelRuntime, spec: LocationSpec, n_tokens: int) -> int:
+    """Return how many numbers one token's slice of the location holds."""
+    config = runtime.config
+    if spec.node_type == "mlp_neuron":
+        return config.d_mlp
+    if spec.node_type == "attention_head":
+        return n_tokens * config.n_heads
+    if spec.node_type == "autoencoder_latent":
+        assert spec.autoencoder is not None
+        return runtime.autoencoders[spec.autoencoder].n_latents
+    return config.vocab_size
+
+
+def check_response_size(runtime: ModelRuntime, count: int, loc: tuple[str | int, ...], advice: str) -> None:
+    limit = runtime.settings.max_response_values
+    if count > limit:
+        raise InvalidRequest(
+            loc, f"the response would hold {count} numbers, over the limit of {limit}; {advice}", status_code=413
+        )
+
+
 def location_json(location: ResidualLocation) -> dict[str, Any]:
     return location.as_dict()
 
@@ -85,6 +106,10 @@ def activation(runtime: ModelRuntime, request: schemas.ActivationRequest) -> dic
         raise InvalidRequest(
             ("body", "top_k"), f"top_k {request.top_k} is over the limit of {runtime.settings.max_top_k}"
         )
+    if request.top_k is None:
+        tokens = 1 if token is not None else len(token_ids)
+        count = tokens * location_width(runtime, spec, len(token_ids))
+        check_response_size(runtime, count, ("body", "location"), "ask for one token or the top_k activations")
     activations = core.activations(spec)
     masked = spec.kind.masked(spec, len(token_ids))
     body["residual_location"] = location_json(core.residual_location(spec))
@@ -132,6 +157,8 @@ def gradient(runtime: ModelRuntime, request: schemas.GradientRequest) -> dict[st
 def jvp(runtime: ModelRuntime, request: schemas.JvpRequest) -> dict[str, Any]:
     token_ids, checker, body = start(runtime, request)
     spec = checker.location(request.downstream, ("body", "downstream"))
+    count = len(token_ids) * location_width(runtime, spec, len(token_ids))
+    check_response_size(runtime, count, ("body", "downstream"), "shorten the prompt or choose a smaller location")
     core = reconstituter(runtime, token_ids)
     write = request.write
     if isinstance(write, schemas.NodeWrite):

@@ -284,6 +284,8 @@ class ModelInfo(BaseModel):
     max_top_k: int
     max_upstream_nodes: int
     max_body_bytes: int
+    max_response_values: int
+    max_queue: int
     dtype: str
     device: str
     autoencoders: list[AutoencoderInfo]
