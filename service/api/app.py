@@ -34,7 +34,7 @@ def create_app(
     load: RuntimeLoader = load_runtime,
     on_load_failure: Callable[[BaseException], None] | None = None,
 ) -> FastAPI:
-    """Build the app. The model loads in the background at start-up; until then model routes answer 503."""
+    """Build the app. The model loads in the background at start-up, and until then model routes return 503."""
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,7 +79,7 @@ def create_app(
     app.add_middleware(UnexpectedErrorMiddleware)
     app.add_middleware(BodySizeLimitMiddleware, max_bytes=settings.max_body_bytes)
     if settings.api_key is not None:
-        # Inside CORS, so preflight requests, which carry no credentials, are answered before it.
+        # Added inside CORS, because CORS must handle preflight requests, which carry no credentials.
         app.add_middleware(ApiKeyMiddleware, api_key=settings.api_key.get_secret_value())
     app.add_middleware(
         CORSMiddleware,

@@ -121,7 +121,7 @@ async def handle_queue_full(request: Request, error: Exception) -> OrjsonRespons
 
 
 async def handle_disconnected(request: Request, error: Exception) -> OrjsonResponse:
-    # Nobody reads this response; 499 is the code proxies log for a client that went away.
+    # The client has gone, so this response is never read. Proxies log 499 for such a request.
     return error_response(499, "the client disconnected before the request ran")
 
 

@@ -61,7 +61,7 @@ class RequestIdMiddleware:
 
 
 class BodySizeLimitMiddleware:
-    """Answers 413 to a request whose body is larger than `max_bytes`, before it is parsed."""
+    """Rejects with 413 a request whose body is larger than `max_bytes`, before it is parsed."""
 
     def __init__(self, app: ASGIApp, max_bytes: int) -> None:
         self.app = app

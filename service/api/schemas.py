@@ -194,7 +194,12 @@ class VectorWrite(StrictModel):
 
 def write_kind(value: Any) -> str | None:
     """Pick the write variant by its key, so errors come from that variant alone."""
-    keys = value.keys() if isinstance(value, dict) else vars(value).keys() if isinstance(value, BaseModel) else ()
+    if isinstance(value, dict):
+        keys = set(value)
+    elif isinstance(value, BaseModel):
+        keys = set(type(value).model_fields)
+    else:
+        return None
     if "node" in keys:
         return "node_write"
     if "vector" in keys:

@@ -30,7 +30,7 @@ class InvalidRequest(Exception):
 
 
 class AutoencoderShape(Protocol):
-    """What the checks need to know of a loaded autoencoder."""
+    """The properties of a loaded autoencoder that the checks read."""
 
     @property
     def input(self) -> AutoencoderInput: ...

@@ -19,7 +19,7 @@ DISCONNECT_POLL_SECONDS = 0.05
 
 
 class QueueFull(Exception):
-    """The worker already holds its maximum number of requests."""
+    """The worker already has its maximum number of requests waiting."""
 
     def __init__(self, limit: int) -> None:
         super().__init__(f"{limit} requests are already waiting")
@@ -50,8 +50,8 @@ class ModelWorker:
 
     One thread is enough: torch already spreads one forward pass over the CPU cores or
     the GPU, and jobs in parallel would only compete for them. At most `max_queue` jobs
-    wait behind the running one; more are rejected with `QueueFull`, so a burst of
-    requests gets a prompt answer instead of an ever longer wait.
+    wait behind the running one. More are rejected with `QueueFull`, so that a burst of
+    requests gets a prompt 503 instead of an ever longer wait.
     """
 
     def __init__(self, max_queue: int) -> None:

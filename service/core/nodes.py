@@ -40,7 +40,7 @@ class AttentionTrace(StrEnum):
 class LocationSpec:
     """One activation location and the trace options of the function that computes it.
 
-    `downstream` is the node whose gradient a value trace projects on. `contrast` holds
+    `downstream` is the node whose gradient a value trace projects on. `contrast` is
     the (target, distractor) token ids of a `logit_diff` location. `autoencoder_input`
     repeats the named autoencoder's input, which fixes the residual location.
     """
