@@ -93,8 +93,10 @@ def load_model(source: str) -> LoadedModel:
         return load_gguf(path)
     if path.is_dir():
         return LoadedModel(load_hf_directory(path), load_hf_tokenizer(path), path.name, str(path))
-    if path.exists() or source.startswith((".", "/", "~")):
+    if path.exists():
         raise ModelFileError(path, "not a .gguf file or a model directory")
+    if source.startswith((".", "/", "~")):
+        raise ModelFileError(path, "not found")
     directory = download_from_hub(source)
     return LoadedModel(load_hf_directory(directory), load_hf_tokenizer(directory), source, source)
 
@@ -108,9 +110,16 @@ def download_from_hub(repo_id: str) -> Path:
     logger.info("downloading %s from the Hugging Face Hub", repo_id)
     patterns = ["config.json", "*.safetensors", "model.safetensors.index.json", "tokenizer.json", "vocab.json", "merges.txt"]
     try:
-        return Path(snapshot_download(repo_id, allow_patterns=patterns))
+        directory = Path(snapshot_download(repo_id, allow_patterns=patterns))
+        if not (directory / "model.safetensors").exists() and not (directory / "model.safetensors.index.json").exists():
+            # Older checkpoints ship only pickled weights; fetch them only when needed.
+            directory = Path(snapshot_download(repo_id, allow_patterns=[*patterns, "pytorch_model.bin"]))
+        return directory
     except Exception as error:  # huggingface_hub raises many unrelated types for one failed download
-        raise ModelFileError(repo_id, f"not a local path, and downloading it failed: {type(error).__name__}") from error
+        reason = str(error).splitlines()[0][:200] if str(error) else ""
+        raise ModelFileError(
+            repo_id, f"not a local path, and downloading it failed: {type(error).__name__}: {reason}"
+        ) from error
 
 
 def embedded_autoencoder_sources() -> list[AutoencoderSource]:

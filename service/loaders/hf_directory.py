@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import logging
+import pickle
 from pathlib import Path
 from typing import Any
 
@@ -94,36 +95,41 @@ def gpt2_config(config: dict[str, Any], path: Path) -> ModelConfig:
 
 def read_weights(directory: Path) -> tuple[dict[str, torch.Tensor], Path]:
     """Read every tensor of the checkpoint; return them with the file (or index) they came from."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
     single = directory / "model.safetensors"
     index = directory / "model.safetensors.index.json"
     pickled = directory / "pytorch_model.bin"
-    try:
-        if single.exists():
-            return dict(load_file(str(single))), single
-        if index.exists():
-            shards = sorted(set(read_json(index).get("weight_map", {}).values()))
-            if not shards:
-                raise ModelFileError(index, "weight_map is empty")
-            state: dict[str, torch.Tensor] = {}
-            for shard in shards:
-                shard_path = directory / shard
-                if not shard_path.exists():
-                    raise ModelFileError(shard_path, "shard named in the index not found")
-                state.update(load_file(str(shard_path)))
-            return state, index
-        if pickled.exists():
+    if single.exists():
+        return read_safetensors(single), single
+    if index.exists():
+        shards = sorted(set(read_json(index).get("weight_map", {}).values()))
+        if not shards:
+            raise ModelFileError(index, "weight_map is empty")
+        state: dict[str, torch.Tensor] = {}
+        for shard in shards:
+            shard_path = directory / shard
+            if not shard_path.exists():
+                raise ModelFileError(shard_path, "shard named in the index not found")
+            state.update(read_safetensors(shard_path))
+        return state, index
+    if pickled.exists():
+        try:
             loaded = torch.load(str(pickled), map_location="cpu", weights_only=True)
-            if not isinstance(loaded, dict):
-                raise ModelFileError(pickled, "expected a state dict")
-            return loaded, pickled
-    except SafetensorError as error:
-        raise ModelFileError(directory, f"weights could not be read: {error}") from error
-    except (RuntimeError, EOFError, OSError) as error:
-        raise ModelFileError(pickled, f"weights could not be read: {error}") from error
+        except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+            raise ModelFileError(pickled, f"weights could not be read: {error}") from error
+        if not isinstance(loaded, dict):
+            raise ModelFileError(pickled, "expected a state dict")
+        return loaded, pickled
     raise ModelFileError(directory, "no model.safetensors, model.safetensors.index.json or pytorch_model.bin found")
+
+
+def read_safetensors(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    try:
+        return dict(load_file(str(path)))
+    except (SafetensorError, OSError) as error:
+        raise ModelFileError(path, f"weights could not be read: {error}") from error
 
 
 def gpt2_state(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
@@ -178,14 +184,17 @@ def load_hf_tokenizer(directory: Path) -> Tokenizer:
     """Read tokenizer.json, or build a byte-level BPE tokenizer from vocab.json and merges.txt."""
     tokenizer_json = directory / "tokenizer.json"
     vocab, merges = directory / "vocab.json", directory / "merges.txt"
-    try:
-        if tokenizer_json.exists():
+    if tokenizer_json.exists():
+        try:
             return Tokenizer.from_file(str(tokenizer_json))
-        if vocab.exists() and merges.exists():
+        except Exception as error:  # tokenizers raises a bare Exception for malformed files
+            raise ModelFileError(tokenizer_json, f"tokenizer could not be read: {error}") from error
+    if vocab.exists() and merges.exists():
+        try:
             tokenizer = Tokenizer(models.BPE.from_file(str(vocab), str(merges)))
-            tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-            tokenizer.decoder = decoders.ByteLevel()
-            return tokenizer
-    except Exception as error:  # tokenizers raises a bare Exception for malformed files
-        raise ModelFileError(directory, f"tokenizer files could not be read: {error}") from error
+        except Exception as error:  # tokenizers raises a bare Exception for malformed files
+            raise ModelFileError(vocab, f"tokenizer could not be read with {merges.name}: {error}") from error
+        tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+        tokenizer.decoder = decoders.ByteLevel()
+        return tokenizer
     raise ModelFileError(directory, "no tokenizer.json, or vocab.json and merges.txt, found")
