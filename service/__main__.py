@@ -11,6 +11,7 @@ from typing import Any
 
 import uvicorn
 from pydantic import ValidationError
+from pydantic_settings import SettingsError
 
 from service.api.app import create_app
 from service.api.middleware import RequestIdFilter
@@ -52,6 +53,10 @@ def main(argv: list[str] | None = None) -> int:
         for item in error.errors():
             where = ".".join(str(part) for part in item["loc"]) or "settings"
             print(f"invalid setting {where}: {item['msg']}", file=sys.stderr)
+        return 2
+    except SettingsError as error:
+        # pydantic-settings reads list settings from the environment as JSON.
+        print(f"invalid setting: {error}; list settings take a JSON list, e.g. '[\"x\"]'", file=sys.stderr)
         return 2
     configure_logging(settings.log_level)
 

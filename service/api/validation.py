@@ -83,7 +83,9 @@ class RequestChecker:
 
     def autoencoder(self, name: str, layer: int, loc: Loc, layer_loc: Loc) -> AutoencoderShape:
         if name not in self.autoencoders:
-            loaded = ", ".join(sorted(self.autoencoders)) or "none are loaded"
+            if not self.autoencoders:
+                raise InvalidRequest(loc, f"autoencoder {name!r} is not loaded; no autoencoders are loaded")
+            loaded = ", ".join(sorted(self.autoencoders))
             raise InvalidRequest(loc, f"autoencoder {name!r} is not loaded; loaded autoencoders: {loaded}")
         autoencoder = self.autoencoders[name]
         if layer not in autoencoder.layers:
