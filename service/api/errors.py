@@ -102,6 +102,13 @@ async def handle_invalid_request(request: Request, error: Exception) -> OrjsonRe
 
 async def handle_http_error(request: Request, error: Exception) -> OrjsonResponse:
     assert isinstance(error, StarletteHTTPException)
+    if error.status_code == 400:
+        # FastAPI raises a bare 400 for a body it cannot decode, such as bytes that are not UTF-8.
+        # It is an invalid request body like malformed JSON, so it gets the same 422.
+        cause = error.__cause__
+        reason = f": {cause}" if cause is not None else ""
+        message = f"the body could not be decoded as JSON{reason}"
+        return error_response(422, f"body: {message}", [{"loc": ["body"], "msg": message, "type": "json_invalid"}])
     return error_response(error.status_code, str(error.detail), headers=dict(error.headers or {}))
 
 

@@ -173,6 +173,11 @@ def jvp(runtime: ModelRuntime, request: schemas.JvpRequest) -> dict[str, Any]:
 
     result = core.jvp(spec, vector, write_location)
     masked = spec.kind.masked(spec, len(token_ids))
+    finite = torch.isfinite(result.jvp if masked is None else result.jvp.masked_fill(masked.expand_as(result.jvp), 0.0))
+    if isinstance(write, schemas.VectorWrite) and not bool(finite.all()):
+        raise InvalidRequest(
+            ("body", "write", "vector"), "the JVP of this vector overflows float64; scale the vector down"
+        )
     body["jvp"] = tensor_to_json(result.jvp, masked, "JVP")
     body["upstream"] = result.upstream
     body["write_location"] = location_json(result.write_location)

@@ -119,6 +119,13 @@ class Reconstituter:
             zeros = torch.zeros(shape, dtype=resid.dtype, device=resid.device)
             return JvpResult(zeros, False, write_location, location)
 
-        tangent = write_vector.to(device=resid.device, dtype=resid.dtype)
+        # The JVP is linear in the tangent, so a unit-scale tangent keeps very large or very
+        # small writes from overflowing or underflowing in the model's dtype.
+        scale = float(write_vector.abs().max())
+        if scale == 0.0:
+            with torch.no_grad():
+                shape = self.function(spec)(resid).shape
+            return JvpResult(torch.zeros(shape, dtype=resid.dtype, device=resid.device), True, write_location, location)
+        tangent = (write_vector / scale).to(device=resid.device, dtype=resid.dtype)
         _, jvp = torch.func.jvp(self.function(spec), (resid,), (tangent,))  # type: ignore[misc]
-        return JvpResult(jvp.detach(), True, write_location, location)
+        return JvpResult(jvp.detach().double() * scale, True, write_location, location)
