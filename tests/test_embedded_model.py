@@ -141,3 +141,31 @@ def test_direct_effects_match_reference(client: TestClient, embedded: Checkpoint
     expected = float((write * gradient).sum())
     assert result["direct_effects"][0] == pytest.approx(expected, rel=1e-4, abs=1e-7)
     assert result["direct_effects"][1] is None
+
+
+def test_shipped_autoencoders_encode_hooked_activations(embedded: Checkpoint, hooked: ref.Hooked) -> None:
+    from service.core.nodes import LocationSpec, PreOrPost
+    from service.core.reconstituter import Reconstituter
+    from service.loaders import embedded_autoencoder_sources
+    from service.loaders.autoencoders import load_autoencoders
+
+    sources = embedded_autoencoder_sources()
+    assert sources, "the autoencoders for the embedded model are missing from service/data/autoencoders"
+    sets = load_autoencoders(sources, embedded.loaded.model.config)
+    (autoencoder_set,) = sets.values()
+    token_ids = torch.tensor(embedded.loaded.tokenizer.encode(PROMPT).ids)
+    core = Reconstituter(embedded.loaded.model, token_ids, sets)
+    for layer in autoencoder_set.layers:
+        autoencoder = autoencoder_set.by_layer[layer]
+        spec = LocationSpec(
+            "autoencoder_latent",
+            layer,
+            PreOrPost.POST,
+            autoencoder=autoencoder_set.id,
+            autoencoder_input=autoencoder_set.input,
+        )
+        with torch.no_grad():
+            expected = autoencoder.encode(hooked.mlp_out[layer])
+        actual = core.activations(spec)
+        assert float((actual - expected).abs().max()) < 1e-4, f"layer {layer}"
+        assert int((actual[1:] != 0).sum(dim=-1).max()) <= (autoencoder.k or autoencoder.n_latents)
