@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -117,9 +118,29 @@ async def handle_non_finite(request: Request, error: Exception) -> OrjsonRespons
     return error_response(500, f"{error}; the result was not sent because it would not be valid")
 
 
+class RateLimitedCount:
+    """Counts repeated events and logs them at most once per interval, with the count."""
+
+    def __init__(self, interval_seconds: float) -> None:
+        self.interval_seconds = interval_seconds
+        self.count = 0
+        self.last_logged = float("-inf")
+
+    def add(self, message: str, *args: object) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last_logged >= self.interval_seconds:
+            logger.warning(message + " (%d such rejections since the last line)", *args, self.count)
+            self.count = 0
+            self.last_logged = now
+
+
+queue_full_rejections = RateLimitedCount(interval_seconds=10.0)
+
+
 async def handle_queue_full(request: Request, error: Exception) -> OrjsonResponse:
     assert isinstance(error, QueueFull)
-    logger.warning("rejected a request because %d requests are already queued", error.limit)
+    queue_full_rejections.add("rejected a request because %d requests are already queued", error.limit)
     return error_response(
         503,
         f"the service is busy: {error.limit} requests are already queued; retry after {QUEUE_RETRY_AFTER_SECONDS} s",
