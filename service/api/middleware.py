@@ -18,6 +18,14 @@ request_id_var: contextvars.ContextVar[str] = contextvars.ContextVar("request_id
 _VALID_REQUEST_ID = re.compile(r"[A-Za-z0-9._:-]{1,128}")
 
 
+async def send_error(send: Send, status: int, detail: str, headers: list[tuple[bytes, bytes]] | None = None) -> None:
+    """Send a whole error response, in the service's one error shape, from ASGI middleware."""
+    body = orjson.dumps({"detail": detail, "errors": []})
+    all_headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": status, "headers": all_headers + (headers or [])})
+    await send({"type": "http.response.body", "body": body})
+
+
 class RequestIdFilter(logging.Filter):
     """Adds the current request id to every log record as `request_id`."""
 
@@ -68,15 +76,8 @@ class BodySizeLimitMiddleware:
         self.max_bytes = max_bytes
 
     async def reject(self, send: Send, size: str) -> None:
-        body = orjson.dumps(
-            {
-                "detail": f"the request body is {size} bytes, over the limit of {self.max_bytes}; send a smaller request",
-                "errors": [],
-            }
-        )
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-        await send({"type": "http.response.start", "status": 413, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        detail = f"the request body is {size} bytes, over the limit of {self.max_bytes}; send a smaller request"
+        await send_error(send, 413, detail)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -144,12 +145,7 @@ class UnexpectedErrorMiddleware:
             logger.exception("request %s failed with an unexpected error", request_id)
             if started:
                 raise
-            body = orjson.dumps(
-                {"detail": f"internal error; quote request id {request_id} when reporting it", "errors": []}
-            )
-            headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
-            await send({"type": "http.response.start", "status": 500, "headers": headers})
-            await send({"type": "http.response.body", "body": body})
+            await send_error(send, 500, f"internal error; quote request id {request_id} when reporting it")
 
 
 class ApiKeyMiddleware:
@@ -170,13 +166,5 @@ class ApiKeyMiddleware:
             return
         problem = "missing" if not supplied else "invalid"
         logger.info("rejected a request with a %s API key", problem)
-        body = orjson.dumps(
-            {"detail": f"the API key is {problem}; send the header 'Authorization: Bearer <key>'", "errors": []}
-        )
-        headers = [
-            (b"content-type", b"application/json"),
-            (b"content-length", str(len(body)).encode()),
-            (b"www-authenticate", b"Bearer"),
-        ]
-        await send({"type": "http.response.start", "status": 401, "headers": headers})
-        await send({"type": "http.response.body", "body": body})
+        detail = f"the API key is {problem}; send the header 'Authorization: Bearer <key>'"
+        await send_error(send, 401, detail, [(b"www-authenticate", b"Bearer")])
