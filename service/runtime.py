@@ -72,6 +72,8 @@ def prepare(
     settings: Settings, loaded: LoadedModel, autoencoders: dict[str, AutoencoderSet] | None = None
 ) -> ModelRuntime:
     """Move a loaded model and its autoencoders to the configured device and dtype, frozen."""
+    # NOTE: the tests run on the CPU in float32 only; the CUDA and bfloat16 paths have not
+    # been checked against the oracles on a GPU.
     model = loaded.model.to(device=settings.device, dtype=settings.torch_dtype)
     model.eval()
     model.requires_grad_(False)

@@ -11,7 +11,7 @@ from torch import Tensor
 
 
 class NonFiniteResultError(Exception):
-    """A result holds NaN or infinity where the model should have produced a number."""
+    """A result contains NaN or infinity where the model should have produced a number."""
 
 
 class OrjsonResponse(JSONResponse):

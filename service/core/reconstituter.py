@@ -2,9 +2,9 @@
 
 For a location spec, `f(R)` recomputes the location's activations from the residual
 tensor `R` immediately before it, and from nothing else, so derivatives of `f` are
-direct effects. The gradient of one node uses reverse mode; the JVP of a whole location
-along one write vector uses forward mode (`torch.func.jvp`), which never materializes
-the Jacobian.
+direct effects. The gradient of one node uses reverse mode. The JVP of a whole location
+along one write vector uses forward mode (`torch.func.jvp`), so the Jacobian is never
+materialized.
 """
 
 from __future__ import annotations

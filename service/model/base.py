@@ -40,7 +40,7 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class AttentionDetach:
-    """Which attention inputs are cut out of the derivative."""
+    """The attention inputs that are cut out of the derivative."""
 
     query: bool = False
     key: bool = False
