@@ -804,7 +804,7 @@ def main(argv: list[str] | None = None) -> int:
 
     finished = time.monotonic()
     logger.info(
-        "done in %.0f s: %.0f s collecting activations, %.0f s training",
+        "done in %.0f s: %.0f s loading the corpus and model and collecting activations, %.0f s training",
         finished - started,
         collected - started,
         finished - collected,
