@@ -260,6 +260,21 @@ def free_port() -> int:
         return port
 
 
+def wait_for_server(base: str, process: subprocess.Popen[str] | None = None) -> None:
+    """Poll a server on loopback until /health returns 200, failing if `process` exits first."""
+    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
+    while True:
+        try:
+            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
+                return
+        except httpx.TransportError:
+            pass
+        if process is not None:
+            assert process.poll() is None, process.stdout.read() if process.stdout else ""
+        assert time.monotonic() < deadline, "the server did not become ready"
+        time.sleep(0.05)
+
+
 def test_shutdown_finishes_request_in_flight(tiny_llama: Checkpoint, monkeypatch: pytest.MonkeyPatch) -> None:
     gate = Gate(monkeypatch)
     port = free_port()
@@ -270,15 +285,7 @@ def test_shutdown_finishes_request_in_flight(tiny_llama: Checkpoint, monkeypatch
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-    while True:
-        try:
-            if httpx.get(f"{base}/health", timeout=1).status_code == 200:
-                break
-        except httpx.TransportError:
-            pass
-        assert time.monotonic() < deadline, "the server did not become ready"
-        time.sleep(0.05)
+    wait_for_server(base)
 
     results: list[httpx.Response] = []
     request = threading.Thread(target=lambda: results.append(httpx.post(f"{base}/activation", json=NODE_REQUEST, timeout=30)))
@@ -304,16 +311,7 @@ def test_sigterm_exits_cleanly(tiny_llama: Checkpoint) -> None:
         text=True,
     )
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_SECONDS
-        while True:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert process.poll() is None, process.stdout.read() if process.stdout else ""
-            assert time.monotonic() < deadline, "the service did not become ready"
-            time.sleep(0.1)
+        wait_for_server(f"http://127.0.0.1:{port}", process)
         process.send_signal(signal.SIGTERM)
         output, _ = process.communicate(timeout=30)
     finally:

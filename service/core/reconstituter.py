@@ -114,18 +114,19 @@ class Reconstituter:
         location = self.residual_location(spec)
         resid = self.stream.at(location)
         if not self.is_upstream(write_location, location):
-            with torch.no_grad():
-                shape = self.function(spec)(resid).shape
-            zeros = torch.zeros(shape, dtype=resid.dtype, device=resid.device)
-            return JvpResult(zeros, False, write_location, location)
+            return JvpResult(self._zero_activations(spec, resid), False, write_location, location)
 
         # The JVP is linear in the tangent, so a unit-scale tangent keeps very large or very
         # small writes from overflowing or underflowing in the model's dtype.
         scale = float(write_vector.abs().max())
         if scale == 0.0:
-            with torch.no_grad():
-                shape = self.function(spec)(resid).shape
-            return JvpResult(torch.zeros(shape, dtype=resid.dtype, device=resid.device), True, write_location, location)
+            return JvpResult(self._zero_activations(spec, resid), True, write_location, location)
         tangent = (write_vector / scale).to(device=resid.device, dtype=resid.dtype)
         _, jvp = torch.func.jvp(self.function(spec), (resid,), (tangent,))  # type: ignore[misc]
         return JvpResult(jvp.detach().double() * scale, True, write_location, location)
+
+    def _zero_activations(self, spec: LocationSpec, resid: Tensor) -> Tensor:
+        """Return zeros shaped like the location's activations, the JVP of a write that cannot move them."""
+        with torch.no_grad():
+            shape = self.function(spec)(resid).shape
+        return torch.zeros(shape, dtype=resid.dtype, device=resid.device)
