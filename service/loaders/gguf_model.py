@@ -91,7 +91,7 @@ def config_from_gguf(reader: Any, path: Path) -> ModelConfig:
 def unpermute_rotary_rows(weight: np.ndarray, n_heads: int) -> np.ndarray:
     """Undo llama.cpp's Q/K row permutation: per head, interleaved pairs back to halves.
 
-    weight: [n_heads * d_head, ...]; in the file, row 2i of a head holds what the
+    weight: [n_heads * d_head, ...]; in the file, row 2i of a head contains what the
     Hugging Face layout keeps at row i, and row 2i + 1 what it keeps at d_head/2 + i.
     """
     rows = weight.shape[0]

@@ -131,7 +131,7 @@ class Transformer(nn.Module, abc.ABC):
     @property
     @abc.abstractmethod
     def final_norm(self) -> Norm:
-        """The normalization applied to resid_final before the unembedding."""
+        """Return the normalization applied to resid_final before the unembedding."""
 
     @abc.abstractmethod
     def unembed(self, normed: Tensor) -> Tensor:
